@@ -112,10 +112,14 @@ def main() -> None:
         )
         print(f"ringattn demo: causal {args.layout} ring attention, {dtype}, {dev}")
         print(f"  B={b} H={hq} (KV heads {hkv}) D={d}")
-        print(f"| {'ranks':>5} | {'tokens':>7} | {'tokens/rank':>11} | {'fwd s':>6} | {'bwd s':>6} "
-              f"| {'peak MiB/rank':>13} | {'full attn MiB':>13} | {'max err':>8} |")  # fmt: skip
-        print(f"| {world:>5} | {s:>7} | {s // world:>11} | {fwd:>6.2f} | {bwd:>6.2f} "
-              f"| {mem / 2**20:>13.1f} | {full_scores / 2**20:>13.1f} | {max_err:>8.1e} |")  # fmt: skip
+        header = ("ranks", "tokens", "tokens/rank", "fwd s", "bwd s", "peak MiB/rank",
+                  "full attn MiB", "max err")  # fmt: skip
+        row = (world, s, s // world, f"{fwd:.2f}", f"{bwd:.2f}", f"{mem / 2**20:.1f}",
+               f"{full_scores / 2**20:.1f}", f"{max_err:.1e}")  # fmt: skip
+        widths = [max(len(str(h)), len(str(r))) for h, r in zip(header, row, strict=True)]
+        for line in (header, row):
+            cells = (f"{c!s:>{w}}" for c, w in zip(line, widths, strict=True))
+            print("| " + " | ".join(cells) + " |")
         print("  peak: memory added during forward+backward (CPU: growth of peak RSS);")
         print("  full attn: the S x S float32 scores that materializing attention would hold;")
         print(f"  max err: out, lse and dq vs float64 on the last {args.check_rows} queries")

@@ -9,7 +9,8 @@ spawn pays a torch import). If any rank raises, the call waits a moment for the 
 errors, kills the pool and raises `DistributedTestError` carrying every failing rank's traceback.
 If the ranks do not all finish within `timeout`, the pool is killed and the error names the
 ranks still running. After each call the ranks meet at a barrier; a pool whose connections broke
-(a test that made a transfer time out on purpose) is retired. `fn` must be a module-level function (spawn pickles it by reference).
+(a test that made a transfer time out on purpose) is retired. `fn` must be a module-level
+function (spawn pickles it by reference).
 """
 
 from __future__ import annotations
