@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ringattn.checkpoint import POLICIES, apply_checkpointing
 from ringattn.layout import group_rank_and_size, sequence_positions, shard_sequence
 from ringattn.models.llama import CoreAttention
 from ringattn.models.loss import causal_lm_loss, shift_labels
@@ -67,14 +68,24 @@ def parallelize(
     layout: str = "zigzag",
     strategy: str = "ring",
     backend: str | None = None,
+    checkpoint: str = "none",
 ) -> nn.Module:
     """Make `model`'s attention sequence-parallel over `group`, in place; returns the model.
 
     Every `CoreAttention` submodule is replaced by a `SequenceParallelAttention`. Feed the model
     this rank's shard of the tokens with their global positions (`shard_batch`).
 
+    Args:
+        model: a model whose attention cores are `ringattn.models.CoreAttention`.
+        group: the sequence-parallel process group (default: the world group).
+        layout: "zigzag" | "striped" | "contiguous".
+        strategy: "ring" (K/V travel the ring) | "ulysses" (all-to-all over heads).
+        backend: kernel backend for the local attention ("triton" | "torch" | None).
+        checkpoint: activation checkpointing policy for `model.layers`: "none" | "full" |
+            "selective" (ring-aware: saves attention, recomputes the rest) | "offload".
+
     Raises:
-        ValueError: unknown strategy, or a model without any `CoreAttention` to replace.
+        ValueError: unknown strategy or policy, or a model without any `CoreAttention`.
     """
     targets = [
         (parent, name)
@@ -84,11 +95,15 @@ def parallelize(
     ]
     if not targets:
         raise ValueError(f"parallelize: {type(model).__name__} has no CoreAttention module")
+    if checkpoint not in POLICIES:
+        raise ValueError(f"unknown checkpoint policy {checkpoint!r}; expected one of {POLICIES}")
     for parent, name in targets:
         core = SequenceParallelAttention(
             group=group, layout=layout, strategy=strategy, backend=backend
         )
         setattr(parent, name, core)
+    if checkpoint != "none":
+        apply_checkpointing(model, checkpoint)
     return model
 
 
