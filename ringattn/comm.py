@@ -23,6 +23,7 @@ cannot send device memory), transfers are staged through pinned host buffers.
 from __future__ import annotations
 
 import os
+import weakref
 from datetime import timedelta
 
 import torch
@@ -68,10 +69,14 @@ class RingComm:
         self._gloo = dist.get_backend(self.group) == "gloo"
         self._force_staging = stage_through_host
         self._ops: list[dist.P2POp] = []
-        self._peers: list[
-            str
-        ] = []  # one entry per queued op: "send to rank N" / "recv from rank N"
-        self._unstage: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, destination)
+        # one entry per queued op: "send to rank N" / "receive from rank N"
+        self._peers: list[str] = []
+        # staged receives: (host buffer, destination, event after the destination's allocation)
+        self._unstage: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
+        # the last wait's staged receives: (destination, its version then, host copy) -- a send of
+        # an unmodified received tensor forwards the host copy (no device -> host copy, no sync)
+        self._received: list[tuple[weakref.ref, int, torch.Tensor]] = []
+        self._copy_stream: torch.cuda.Stream | None = None  # host -> device copies
         self._works: list = []
 
     def _staged(self, t: torch.Tensor) -> bool:
@@ -85,18 +90,47 @@ class RingComm:
         recv = torch.empty_like(send) if recv is None else recv
         send_buf, recv_buf = send.contiguous(), recv
         if self._staged(send):
-            send_buf = torch.empty(send.shape, dtype=send.dtype, pin_memory=send.is_cuda)
-            send_buf.copy_(send, non_blocking=True)
+            send_buf = self._host_copy_of(send)
             recv_buf = torch.empty(recv.shape, dtype=recv.dtype, pin_memory=recv.is_cuda)
-            self._unstage.append((recv_buf, recv))
-            if send.is_cuda:
-                torch.cuda.current_stream(send.device).synchronize()  # host copy done before send
+            ready = None
+            if recv.is_cuda:  # recv's memory is free for the copy once the queued work is done
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(recv.device))
+            self._unstage.append((recv_buf, recv, ready))
         elif not recv.is_contiguous():
             raise ValueError("RingComm receive buffers must be contiguous")
         self._ops.append(dist.P2POp(dist.isend, send_buf, self.next_rank, self.group))
         self._ops.append(dist.P2POp(dist.irecv, recv_buf, self.prev_rank, self.group))
         self._peers += [f"send to rank {self.next_rank}", f"receive from rank {self.prev_rank}"]
         return recv
+
+    def _host_copy_of(self, send: torch.Tensor) -> torch.Tensor:
+        """`send` in host memory: the buffer it arrived in if it is an unmodified staged receive
+        (the ring passes on what it received), else a copy (waits for `send` to be computed)."""
+        for ref, version, host in self._received:
+            if ref() is send and send._version == version:
+                return host
+        host = torch.empty(send.shape, dtype=send.dtype, pin_memory=send.is_cuda)
+        host.copy_(send, non_blocking=True)
+        if send.is_cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(send.device))
+            done.synchronize()  # the host copy is complete before the send reads it
+        return host
+
+    def _to_device(self, host: torch.Tensor, dest: torch.Tensor, ready) -> None:
+        """Copy on a side stream so that it overlaps the compute already queued; the current
+        stream's later work waits for it."""
+        if not dest.is_cuda:
+            dest.copy_(host)
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(dest.device)
+        current = torch.cuda.current_stream(dest.device)
+        self._copy_stream.wait_event(ready)
+        with torch.cuda.stream(self._copy_stream):
+            dest.copy_(host, non_blocking=True)
+        current.wait_stream(self._copy_stream)
 
     def commit(self) -> None:
         """Start every queued transfer (earlier ones may still be in flight)."""
@@ -128,6 +162,8 @@ class RingComm:
                     f"ring rank {self.rank} (global {dist.get_rank()}): {peer} did not complete "
                     f"within the {self.timeout:g}s timeout"
                 )
-        for host, dest in self._unstage:
-            dest.copy_(host, non_blocking=dest.is_cuda)
+        self._received = []
+        for host, dest, ready in self._unstage:
+            self._to_device(host, dest, ready)
+            self._received.append((weakref.ref(dest), dest._version, host))
         self._unstage = []
