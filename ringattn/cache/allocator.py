@@ -184,6 +184,21 @@ class PageAllocator:
         size = self.page_size
         return [(seq.table[i // size], i % size) for i in range(start, stop)]
 
+    def pages_needed(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Free pages that ``append(seq_id, num_tokens)`` would take, counting a copy-on-write.
+
+        Read-only, so a caller can check capacity (e.g. on every rank of a group) before it
+        commits to an append.
+
+        Raises:
+            UnknownSequence: ``seq_id`` does not exist.
+            ValueError: ``num_tokens < 0``.
+        """
+        seq = self._get(seq_id)
+        self._check_tokens(num_tokens, None)
+        cow = num_tokens > 0 and self._last_page_shared_partial(seq)
+        return self._num_pages_for(seq.num_tokens + num_tokens) - len(seq.table) + cow
+
     def slot_mapping(self, seq_id: Hashable) -> list[int]:
         """Flat slot ``page * page_size + slot`` of every token of ``seq_id`` (vLLM's layout)."""
         return [page * self.page_size + slot for page, slot in self.slots(seq_id)]
