@@ -12,7 +12,6 @@ decoding by plain full forwards of the same model (cheap for the tiny config).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from ringattn.cache import ShardedKVCache, decode_step, prefill
 from ringattn.layout import LAYOUTS
 from ringattn.models.llama import CONFIGS, Llama, LlamaConfig
+from ringattn.runtime import init_distributed
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,15 +57,9 @@ def reference_greedy(model: Llama, prompt: torch.Tensor, new_tokens: int) -> lis
 
 def main() -> None:
     args = parse_args()
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = init_distributed()
+    use_cuda = device.type == "cuda"
     rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dtype = getattr(torch, args.dtype or ("bfloat16" if use_cuda else "float32"))
 
     torch.manual_seed(args.seed)  # the same weights on every rank

@@ -37,7 +37,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
 
 import torch
@@ -48,6 +47,7 @@ from ringattn.kernels.attention.naive import naive_attention
 from ringattn.layout import required_multiple
 from ringattn.models import Llama, LlamaConfig, causal_lm_loss, shift_labels
 from ringattn.parallel import allreduce_gradients, parallelize, sequence_parallel_loss, shard_batch
+from ringattn.runtime import init_distributed
 
 # dtype -> absolute bound (float32) or the floor added to 2 x naive low-precision error.
 TOLERANCE = {
@@ -372,25 +372,11 @@ def print_table(verdicts: list[Verdict], *, world: int, header: str) -> None:
 
 
 def setup(args: argparse.Namespace) -> Context:
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    have_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
-    if args.device == "cuda" and not have_gpus:
-        raise SystemExit(
-            f"--device cuda: {local_world} local ranks but "
-            f"{torch.cuda.device_count()} GPUs visible (NCCL needs one GPU per rank)"
-        )
-    use_cuda = args.device == "cuda" or (args.device == "auto" and have_gpus)
     os.environ.setdefault("RINGATTN_COMM_TIMEOUT", str(args.timeout))
-    timeout = timedelta(seconds=args.timeout)
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("gloo", timeout=timeout)
+    try:
+        device = init_distributed(device=args.device, timeout_s=args.timeout)
+    except ValueError as err:
+        raise SystemExit(f"--device {args.device}: {err}") from err
     return Context(dist.get_rank(), dist.get_world_size(), device, args.seed)
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
@@ -47,6 +46,7 @@ from ringattn.parallel import (
     sequence_parallel_loss,
     shard_batch,
 )
+from ringattn.runtime import init_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,18 +143,6 @@ def reduce_gradients(model: nn.Module, *, dp_size: int) -> None:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(dp_size)
-
-
-def setup() -> torch.device:
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return torch.device("cpu")
 
 
 def train(args: argparse.Namespace, device: torch.device) -> None:
@@ -255,7 +243,7 @@ def _train(args, device, mesh, rank: int, world: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = setup()
+    device = init_distributed()
     try:
         train(args, device)
     finally:
