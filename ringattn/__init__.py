@@ -10,7 +10,7 @@ Public API (tensor layout everywhere: [batch, seqlen, heads, headdim]):
 - `parallelize`, `shard_batch`, `sequence_parallel_loss`, `allreduce_gradients`: make a model's
   attention sequence-parallel from outside and train it exactly.
 - `apply_checkpointing`: activation checkpointing policies (none, full, ring-aware selective,
-  offload).
+  offload); `plan`: per-rank memory by component for each policy (also `python -m ringattn.plan`).
 """
 
 from ringattn.checkpoint import apply_checkpointing
@@ -24,6 +24,7 @@ from ringattn.parallel import (
     sequence_parallel_loss,
     shard_batch,
 )
+from ringattn.plan import plan
 from ringattn.ring import ring_attention
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "gather_sequence",
     "merge_partials",
     "parallelize",
+    "plan",
     "ring_attention",
     "sequence_parallel_loss",
     "sequence_positions",
