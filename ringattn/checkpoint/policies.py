@@ -8,6 +8,9 @@
                recomputation sends nothing around the ring
     offload    like full, with the block input held in host memory (pinned, copied
                asynchronously) and prefetched back while the next block's backward runs
+    deepspeed  like full, through DeepSpeed's own activation checkpointing
+               (`deepspeed.checkpointing.checkpoint`; honours `deepspeed.checkpointing.configure`,
+               e.g. partitioned activations), for training under `deepspeed.initialize`
 
 `selective` uses torch's selective activation checkpointing, keyed on the registered ops
 `ringattn::ring_fwd` and `ringattn::flash_fwd` (the ring's forward is one op, so caching it caches
@@ -27,7 +30,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-POLICIES = ("none", "full", "selective", "offload")
+POLICIES = ("none", "full", "selective", "offload", "deepspeed")
 
 
 def _attention_ops():
@@ -119,7 +122,18 @@ def _offload_forward(block, inner, x, **kwargs):
     return _OffloadedBlock.apply(model_chain, inner, kwargs, x, *params)
 
 
-_FORWARDS = {"full": _full_forward, "selective": _selective_forward, "offload": _offload_forward}
+def _deepspeed_forward(block, inner, *args, **kwargs):
+    import deepspeed  # `deepspeed.checkpointing` is an attribute, not an importable module
+
+    return deepspeed.checkpointing.checkpoint(inner, *args, **kwargs)
+
+
+_FORWARDS = {
+    "full": _full_forward,
+    "selective": _selective_forward,
+    "offload": _offload_forward,
+    "deepspeed": _deepspeed_forward,
+}
 
 
 def apply_checkpointing(model: nn.Module, policy: str, *, blocks: nn.ModuleList | None = None):

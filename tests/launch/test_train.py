@@ -32,7 +32,7 @@ RUNS = {
     "ulysses": ["--strategy", "ulysses", "--layout", "contiguous", "--batch", str(BATCH)],
     "checkpoint-full": ["--checkpoint", "full", "--layout", "striped", "--batch", str(BATCH)],
     "checkpoint-selective": ["--checkpoint", "selective", "--batch", str(BATCH)],
-    "deepspeed": ["--deepspeed", "{ds_json}", "--batch", str(BATCH)],
+    "deepspeed": ["--deepspeed", "{ds_json}", "--checkpoint", "deepspeed", "--batch", str(BATCH)],
     "dp2-sp1": ["--sp", "1", "--batch", str(BATCH // 2)],
 }
 NEEDS_DEEPSPEED = {"ulysses", "deepspeed"}
