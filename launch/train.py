@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringattn.checkpoint import POLICIES, apply_checkpointing
+from ringattn.checkpoint import CHOICES, apply_checkpointing
 from ringattn.layout import LAYOUTS
 from ringattn.models import CONFIGS, Llama, LlamaConfig, flops_per_token, param_count
 from ringattn.parallel import (
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--strategy", default="ring", choices=STRATEGIES)
     p.add_argument("--sp", type=int, default=None, help="sequence-parallel size (default: world)")
-    p.add_argument("--checkpoint", default="none", choices=POLICIES)
+    p.add_argument("--checkpoint", default="none", choices=CHOICES)
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="train through deepspeed.initialize")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ringattn.checkpoint import POLICIES, apply_checkpointing
+from ringattn.checkpoint import CHOICES, apply_checkpointing
 from ringattn.layout import group_rank_and_size, sequence_positions, shard_sequence
 from ringattn.models.llama import CoreAttention
 from ringattn.models.loss import causal_lm_loss, shift_labels
@@ -82,7 +82,8 @@ def parallelize(
         strategy: "ring" (K/V travel the ring) | "ulysses" (all-to-all over heads).
         backend: kernel backend for the local attention ("triton" | "torch" | None).
         checkpoint: activation checkpointing policy for `model.layers`: "none" | "full" |
-            "selective" (ring-aware: saves attention, recomputes the rest) | "offload".
+            "selective" (ring-aware: saves attention, recomputes the rest) | "offload" |
+            "deepspeed" (DeepSpeed's activation checkpointing).
 
     Raises:
         ValueError: unknown strategy or policy, or a model without any `CoreAttention`.
@@ -95,8 +96,8 @@ def parallelize(
     ]
     if not targets:
         raise ValueError(f"parallelize: {type(model).__name__} has no CoreAttention module")
-    if checkpoint not in POLICIES:
-        raise ValueError(f"unknown checkpoint policy {checkpoint!r}; expected one of {POLICIES}")
+    if checkpoint not in CHOICES:
+        raise ValueError(f"unknown checkpoint policy {checkpoint!r}; expected one of {CHOICES}")
     for parent, name in targets:
         core = SequenceParallelAttention(
             group=group, layout=layout, strategy=strategy, backend=backend

@@ -30,7 +30,9 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-POLICIES = ("none", "full", "selective", "offload", "deepspeed")
+POLICIES = ("none", "full", "selective", "offload")  # what the memory planner models
+# DeepSpeed's checkpointing keeps what `full` keeps (unless it partitions activations).
+CHOICES = (*POLICIES, "deepspeed")
 
 
 def _attention_ops():
@@ -146,8 +148,8 @@ def apply_checkpointing(model: nn.Module, policy: str, *, blocks: nn.ModuleList 
     Raises:
         ValueError: unknown policy, or a model without `layers`.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown checkpoint policy {policy!r}; expected one of {POLICIES}")
+    if policy not in CHOICES:
+        raise ValueError(f"unknown checkpoint policy {policy!r}; expected one of {CHOICES}")
     blocks = blocks if blocks is not None else getattr(model, "layers", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `layers`; pass blocks= explicitly")

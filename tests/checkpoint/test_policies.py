@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ringattn.ring as ring_module
-from ringattn.checkpoint import POLICIES, apply_checkpointing
+from ringattn.checkpoint import CHOICES, apply_checkpointing
 from ringattn.models import Llama, LlamaConfig
 from ringattn.parallel import allreduce_gradients, parallelize, sequence_parallel_loss, shard_batch
 from tests._harness import run_distributed
@@ -50,8 +50,8 @@ def _train_step(rank, world, policy):
 
 @pytest.mark.parametrize("world", [1, 2, 3], ids=lambda w: f"W{w}")
 def test_gradients_identical_across_policies(world):
-    results = {p: run_distributed(_train_step, world, p) for p in POLICIES}
-    for policy in POLICIES:
+    results = {p: run_distributed(_train_step, world, p) for p in CHOICES}
+    for policy in CHOICES:
         for rank in range(world):
             loss, grads, _ = results[policy][rank]
             ref_loss, ref_grads, _ = results["none"][rank]

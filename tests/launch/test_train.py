@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringattn.checkpoint import POLICIES
+from ringattn.checkpoint import CHOICES
 from ringattn.models import Llama, LlamaConfig, causal_lm_loss, shift_labels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_data_file_is_tokenized_bytewise(tmp_path):
 
 def test_every_checkpoint_policy_is_selectable():
     train = _load_train_module()
-    for policy in POLICIES:
+    for policy in CHOICES:
         assert train.parse_args(["--checkpoint", policy]).checkpoint == policy
     with pytest.raises(SystemExit):
         train.parse_args(["--checkpoint", "most"])
