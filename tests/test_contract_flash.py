@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ringattn import flash_attn, merge_partials
+from tests._reference import bound as tolerance_bound
 
 NEG_INF = float("-inf")
 
@@ -58,16 +59,8 @@ def reference_attention(
     return out, lse
 
 
-# One tolerance table: dtype -> (multiple of the naive same-dtype error, absolute floor relative
-# to the reference's magnitude). Bound = multiple * naive_error + floor * max(1, |ref|.max()).
-TOLERANCE = {
-    # fp32: naive fp32 error is ~1e-7; block-wise online softmax reorders sums, so a small floor.
-    torch.float32: (2.0, 2e-5),
-    # fp16: DESIGN policy (<= 2x naive fp16); floor only guards an accidentally exact baseline.
-    torch.float16: (2.0, 1e-4),
-    # bf16: DESIGN policy (<= 2x naive bf16); 8-bit mantissa, so the floor is ~1/4 ulp at 1.0.
-    torch.bfloat16: (2.0, 1e-3),
-}
+# Tolerances: the suite's one table, tests/_reference.py (TOLERANCE, bound).
+DTYPES_TESTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -87,14 +80,13 @@ def assert_within_policy(
     dtype: torch.dtype,
     what: str,
 ) -> None:
-    """Assert |actual - expected| <= TOLERANCE[dtype] bound built from the naive error."""
+    """Assert |actual - expected| <= the tolerance bound built from the naive error."""
     assert not torch.isnan(actual).any(), f"{what}: NaN in result"
-    multiple, floor = TOLERANCE[dtype]
     finite = expected[torch.isfinite(expected)]
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     naive_err = max_error(naive, expected)
     err = max_error(actual, expected)
-    bound = multiple * naive_err + floor * scale
+    bound = tolerance_bound(dtype, "torch", naive_err, scale)
     assert err <= bound, f"{what}: max err {err:.3e} > bound {bound:.3e} (naive {naive_err:.3e})"
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ringattn.kernels.attention.naive import naive_attention
 from ringattn.kernels.paged import torch_impl
+from tests._reference import bound as tolerance_bound
 
 pytestmark = pytest.mark.triton
 
@@ -31,16 +32,9 @@ triton_impl = pytest.importorskip("ringattn.kernels.paged.triton_impl")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LONG = 150  # keys of the long sequence: 38 pages of 4, 10 of 16, 13 of 12
 
-# dtype -> (multiple of the naive same-dtype error, floor relative to max(1, |ref|.max())).
-TOLERANCE = {
-    # fp32: IEEE dots and fp32 accumulation, summed in another order than the reference (tiles,
-    # splits, LSE merge); errors are ~1e-7, the floor keeps an exact naive baseline from failing.
-    torch.float32: (2.0, 2e-5),
-    # fp16: the DESIGN policy (<= 2x the naive fp16 error); the floor, ~1/10 ulp at 1.0, only
-    # guards elements where the naive fp16 computation happens to round exactly.
-    torch.float16: (2.0, 1e-4),
-}
-DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in TOLERANCE]
+# Tolerances: the suite's one table, tests/_reference.py (TOLERANCE, bound).
+DTYPES_TESTED = (torch.float32, torch.float16)
+DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in DTYPES_TESTED]
 
 
 @dataclass(frozen=True)
@@ -124,11 +118,10 @@ def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _assert_close(name: str, actual, ref64, naive_lowp, dtype) -> None:
     """The tolerance policy: error vs float64 <= multiple x naive same-dtype error + floor."""
-    multiple, floor = TOLERANCE[dtype]
     finite = ref64[torch.isfinite(ref64)]
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     err, naive_err = _max_error(actual, ref64), _max_error(naive_lowp, ref64)
-    bound = multiple * naive_err + floor * scale
+    bound = tolerance_bound(dtype, "triton", naive_err, scale)
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (naive {naive_err:.3g})"
 
 

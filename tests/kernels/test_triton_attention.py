@@ -16,6 +16,7 @@ import torch
 
 from ringattn.kernels.attention import torch_impl
 from ringattn.kernels.attention.naive import naive_attention
+from tests._reference import bound as tolerance_bound
 
 pytestmark = pytest.mark.triton
 
@@ -23,17 +24,9 @@ triton_impl = pytest.importorskip("ringattn.kernels.attention.triton_impl")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# dtype -> (multiple of the naive same-dtype error, floor relative to the reference's largest
-# finite magnitude). Bound = multiple * naive_error + floor * max(1, |ref|.max()).
-TOLERANCE = {
-    # fp32: IEEE dots, fp32 accumulation; naive fp32 error is ~1e-7 and block-wise online softmax
-    # sums in another order, so a small floor keeps an accidentally exact baseline from failing.
-    torch.float32: (2.0, 2e-5),
-    # fp16: the DESIGN policy (<= 2x the naive fp16 error); the floor, ~1/10 ulp at 1.0, only
-    # guards elements where the naive fp16 computation happens to round exactly.
-    torch.float16: (2.0, 1e-4),
-}
-DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in TOLERANCE]
+# Tolerances: the suite's one table, tests/_reference.py (TOLERANCE, bound).
+DTYPES_TESTED = (torch.float32, torch.float16)
+DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in DTYPES_TESTED]
 
 
 @dataclass(frozen=True)
@@ -102,11 +95,10 @@ def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _assert_close(name: str, actual, ref64, naive_lowp, dtype) -> None:
     """The tolerance policy: error vs float64 <= multiple x naive same-dtype error + floor."""
-    multiple, floor = TOLERANCE[dtype]
     finite = ref64[torch.isfinite(ref64)]
     scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
     err, naive_err = _max_error(actual, ref64), _max_error(naive_lowp, ref64)
-    bound = multiple * naive_err + floor * scale
+    bound = tolerance_bound(dtype, "triton", naive_err, scale)
     assert err <= bound, (
         f"{name}: error {err:.3g} > bound {bound:.3g} (naive error {naive_err:.3g})"
     )
