@@ -11,7 +11,7 @@ component in GiB, where in the step the peak happens, and the longest sequence (
 
     report = plan("llama3-8b", seq_len=131072, world=8, gpu_mem="80GiB")
     report.plans["selective"].peak, report.max_seq_len["selective"]
-    print(report.table())
+    text = report.table()  # the table the command line prints
 
 The formulas are in `ringattn.checkpoint.planner`: they enumerate what autograd saves in the
 Llama block under each policy, the ring's buffers and the attention workspace, and compare
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except ValueError as err:
         parser.error(str(err))
-    print(report.table())
+    print(report.table())  # noqa: T201 - the command's output
 
 
 if __name__ == "__main__":
