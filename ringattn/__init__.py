@@ -24,7 +24,6 @@ from ringattn.parallel import (
     sequence_parallel_loss,
     shard_batch,
 )
-from ringattn.plan import plan
 from ringattn.ring import ring_attention
 
 __all__ = [
@@ -44,3 +43,14 @@ __all__ = [
     "shard_batch",
     "shard_sequence",
 ]
+
+
+def __getattr__(name: str):
+    # `plan` is imported on first use, so that `python -m ringattn.plan` does not find its own
+    # module already imported by the package.
+    if name == "plan":
+        from ringattn.plan import plan
+
+        globals()["plan"] = plan  # importing the submodule bound the name to it: rebind
+        return plan
+    raise AttributeError(f"module 'ringattn' has no attribute {name!r}")
