@@ -23,30 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from _timing import median_cuda_ms  # benchmarks/ is on sys.path when run as a script
 
 HQ, HKV, D = 32, 8, 128
 TIMED = [(8, 131072), (1, 1 << 20)]  # (batch, keys per sequence)
 PAGE_SIZES = [16, 64, 256]
-
-
-def _median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _cache(lens, sq, hq, hkv, d, page_size, dtype, *, poison: bool, gen):
@@ -144,7 +129,7 @@ def _sdpa(q, k, v, backend) -> tuple[float, str, torch.Tensor]:
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
             try:
                 fn = lambda: sdpa(q, k, v, enable_gqa=g > 1)  # noqa: E731, B023
-                return _median_ms(fn), mode, fn()
+                return median_cuda_ms(fn), mode, fn()
             except RuntimeError as e:  # this backend does not take these inputs
                 error = str(e).splitlines()[0]
     return math.nan, f"unavailable: {error}", None
@@ -172,7 +157,7 @@ def time_case(impl, b: int, n: int, ps: int, copy_tbps: float, sweep: bool) -> l
     rows = []
     for cfg in configs:
         run = lambda c=cfg: impl.paged_attention_fwd(*inputs, scale=D**-0.5, config=c)  # noqa: E731
-        ms = _median_ms(run)
+        ms = median_cuda_ms(run)
         tbps = kv_bytes / ms / 1e9
         # fmt: off
         rows.append(dict(batch=b, keys=n, page_size=ps, config=vars(cfg), default=cfg is default,
@@ -202,7 +187,7 @@ def _copy_tbps(nbytes: int) -> float:
     """Device-to-device copy bandwidth, read + write bytes / time."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_ms(lambda: dst.copy_(src)) / 1e9
+    return 2 * nbytes / median_cuda_ms(lambda: dst.copy_(src)) / 1e9
 
 
 def main() -> None:

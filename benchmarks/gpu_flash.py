@@ -22,11 +22,11 @@ import argparse
 import contextlib
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
 import torch
+from _timing import median_cuda_ms  # benchmarks/ is on sys.path when run as a script
 
 B, H, D = 1, 32, 128
 SIZES = [4096, 16384, 65536]
@@ -46,21 +46,6 @@ TOLERANCE = {  # dtype -> (multiple of naive error, floor relative to max |refer
     torch.bfloat16: (2.0, 1e-3),  # 8-bit mantissa: floor ~1/4 ulp at 1.0
     torch.float16: (2.0, 1e-4),  # floor only guards an accidentally exact naive baseline
 }
-
-
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -207,7 +192,7 @@ def time_all(sizes: list[int], reps: int) -> list[dict]:
                 for name, make in backends.items():
                     try:
                         run = make(fwd_only, causal, s, torch.bfloat16)
-                        ms = _median_ms(
+                        ms = median_cuda_ms(
                             run, warmup=2, reps=reps if s < 65536 else max(3, reps // 3)
                         )
                         row["tflops"][name] = flop / ms / 1e9

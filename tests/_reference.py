@@ -30,12 +30,13 @@ TOLERANCE = {
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max |actual - expected|, treating matching infinities (-inf lse rows) as equal."""
-    a, e = actual.detach().double(), expected.detach().double()
+    """Max |actual - expected|, treating matching infinities (-inf lse rows) as equal; NaN or a
+    mismatched infinity gives inf."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     if not torch.equal(torch.isinf(a), torch.isinf(e)):
         return float("inf")
     same_inf = torch.isinf(a) & (a == e)
-    diff = torch.where(same_inf, 0.0, a - e).abs()
+    diff = torch.where(same_inf, 0.0, a - e).abs().nan_to_num(float("inf"))
     return float(diff.max()) if diff.numel() else 0.0
 
 
@@ -49,6 +50,15 @@ def magnitude(ref: torch.Tensor) -> float:
     """Largest finite |ref| (0 for an all-infinite or empty tensor)."""
     finite = ref[torch.isfinite(ref)]
     return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def assert_within_policy(
+    name: str, actual, ref64, naive_lowp, dtype: torch.dtype, backend: str
+) -> None:
+    """Error vs the float64 reference within `bound` (scaled by the reference's magnitude)."""
+    err, naive_err = max_err(actual, ref64), max_err(naive_lowp, ref64)
+    allowed = bound(dtype, backend, naive_err, magnitude(ref64))
+    assert err <= allowed, f"{name}: error {err:.3g} > bound {allowed:.3g} (naive {naive_err:.3g})"
 
 
 def reference_attention(q, k, v, *, scale, offset, do=None, dtype=torch.float64):

@@ -20,7 +20,7 @@ import torch
 
 from ringattn.kernels.attention.naive import naive_attention
 from ringattn.kernels.paged import torch_impl
-from tests._reference import bound as tolerance_bound
+from tests._reference import assert_within_policy
 
 pytestmark = pytest.mark.triton
 
@@ -108,21 +108,8 @@ def _dense(q, k_pages, v_pages, block_tables, context_lens, *, scale, dtype):
     return out, lse
 
 
-def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max abs difference in float64; -inf matching -inf counts as equal, NaN as infinite."""
-    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
-    same_inf = torch.isinf(actual) & (actual == expected)
-    diff = (actual - expected).abs().masked_fill(same_inf, 0.0).nan_to_num(math.inf)
-    return diff.max().item() if diff.numel() else 0.0
-
-
 def _assert_close(name: str, actual, ref64, naive_lowp, dtype) -> None:
-    """The tolerance policy: error vs float64 <= multiple x naive same-dtype error + floor."""
-    finite = ref64[torch.isfinite(ref64)]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    err, naive_err = _max_error(actual, ref64), _max_error(naive_lowp, ref64)
-    bound = tolerance_bound(dtype, "triton", naive_err, scale)
-    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (naive {naive_err:.3g})"
+    assert_within_policy(name, actual, ref64, naive_lowp, dtype, "triton")
 
 
 def _check(inputs, dtype, config=None) -> None:
